@@ -24,7 +24,7 @@ $(STAMP): setup.py requirements.txt perceive_ir_tv_alias.pth
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 demo: venv
 	$(PY) -m perceive_ir_plugin.cli demo

@@ -9,7 +9,9 @@ import torch  # noqa: E402
 
 import perceive_ir_plugin  # noqa: E402,F401  (registers everything)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker gets one thread so two workers share the two cores.
+_workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 @pytest.fixture
