@@ -284,6 +284,8 @@ def test_promptir_decoder_false_builds_but_forward_explains_the_official_crash()
 def test_promptir_unused_modules_are_frozen_and_everything_else_gets_gradients():
     net = PromptIR(num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, decoder=True)
     unused = set(net.unused_module_names())
+    with pytest.raises(ValueError, match=r'PromptIR needs H and W divisible by 8, got 20x24'):
+        net(torch.rand(1, 3, 20, 24))
     net(torch.rand(2, 3, 16, 24)).square().mean().backward()
     for name, p in net.named_parameters():
         if name.split('.')[0] in unused:

@@ -134,6 +134,21 @@ def pad_to_multiple(x, multiple, mode='reflect'):
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)
 
 
+def check_size_multiple(x, multiple, arch_name):
+    """Raise a clear error when the spatial size of ``x`` is not a multiple of ``multiple``.
+
+    Args:
+        x (Tensor): (B, C, H, W) input.
+        multiple (int): Required divisor of H and W.
+        arch_name (str): Network name quoted in the message.
+    """
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        raise ValueError(f'{arch_name} needs H and W divisible by {multiple}, got {h}x{w}. Pad the input first '
+                         f'(perceive_ir_plugin.archs.arch_util.pad_to_multiple, or the model test path, which '
+                         f'pads to the network\'s size_multiple) and crop the output back.')
+
+
 # ----------------------------------------------------------------------------------------------
 # Normalisation
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,7 @@ from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from perceive_ir_plugin.archs.arch_util import (Downsample, OverlapPatchEmbed, TransformerBlock, Upsample,
-                                                transformer_stage)
-from perceive_ir_plugin.archs.restormer_arch import check_divisible
+                                                check_size_multiple, transformer_stage)
 
 # Official hard-coded prompt settings per decoder level: (prompt_dim, prompt_len, prompt_size, lin_dim).
 PROMPT_SETTINGS = {
@@ -189,7 +188,7 @@ class PromptIR(nn.Module):
         if self.dim != RUNNABLE_DIM:
             raise RuntimeError(f'PromptIR(dim={self.dim}) cannot run forward: the official prompt branch widths are '
                                f'hard-coded for dim={RUNNABLE_DIM}.')
-        check_divisible(inp_img, self.size_multiple, type(self).__name__)
+        check_size_multiple(inp_img, self.size_multiple, type(self).__name__)
 
     def _fuse_prompt(self, x, prompt_block, fusion_block, reduce):
         return reduce(fusion_block(torch.cat([x, prompt_block(x)], 1)))

@@ -8,22 +8,8 @@ import torch
 from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from perceive_ir_plugin.archs.arch_util import Downsample, OverlapPatchEmbed, Upsample, transformer_stage
-
-
-def check_divisible(x, multiple, arch_name):
-    """Raise a clear error when the spatial size of ``x`` is not a multiple of ``multiple``.
-
-    Args:
-        x (Tensor): (B, C, H, W) input.
-        multiple (int): Required divisor of H and W.
-        arch_name (str): Network name quoted in the message.
-    """
-    h, w = x.shape[-2:]
-    if h % multiple or w % multiple:
-        raise ValueError(f'{arch_name} needs H and W divisible by {multiple}, got {h}x{w}. Pad the input first '
-                         f'(perceive_ir_plugin.archs.arch_util.pad_to_multiple, or the model test path, which '
-                         f'pads to the network\'s size_multiple) and crop the output back.')
+from perceive_ir_plugin.archs.arch_util import (Downsample, OverlapPatchEmbed, Upsample, check_size_multiple,
+                                                transformer_stage)
 
 
 @ARCH_REGISTRY.register()
@@ -113,7 +99,7 @@ class Restormer(nn.Module):
             tuple[Tensor]: ``(emb, enc1, enc2, enc3, latent)`` with channels
             dim, dim, 2dim, 4dim, 8dim at resolutions 1, 1, 1/2, 1/4, 1/8.
         """
-        check_divisible(inp_img, self.size_multiple, type(self).__name__)
+        check_size_multiple(inp_img, self.size_multiple, type(self).__name__)
         emb = self.patch_embed(inp_img)
         enc1 = self.encoder_level1(emb)
         enc2 = self.encoder_level2(self.down1_2(enc1))
