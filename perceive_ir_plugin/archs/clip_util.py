@@ -258,7 +258,13 @@ def read_clip_state_dict(path, option_key='clip_weights'):
     """
     if is_torchscript_archive(path):
         return read_torchscript_tensors(path, option_key=option_key), 'TorchScript archive'
-    checkpoint = load_checkpoint_file(path, option_key=option_key)
+    try:
+        checkpoint = load_checkpoint_file(path, option_key=option_key)
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 -- torch.load fails in many ways on non-checkpoint files
+        raise CheckpointError(f"Cannot read CLIP weights '{path}' (option '{option_key}'): not a PyTorch "
+                              f'checkpoint ({type(err).__name__}: {err}).') from err
     return extract_state_dict(checkpoint)
 
 
