@@ -248,6 +248,33 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path, seeded):
         model.optimize_parameters(4)
 
 
+def test_autocast_is_cuda_only_and_validated(tmp_path):
+    model = build_model(make_opt(tmp_path, train={'autocast': 'fp16'}))
+    assert model.autocast_dtype is None and model.grad_scaler is None  # CPU: ignored (logged)
+    with pytest.raises(ValueError, match='train.autocast must be one of bf16, fp16'):
+        build_model(make_opt(tmp_path, train={'autocast': 'fp8'}))
+
+
+def test_mixup_mixes_lq_and_gt_with_one_weight(tmp_path):
+    model = build_model(make_opt(tmp_path, train={'mixing_augs': {'mixup': True, 'mixup_beta': 1.2}}))
+    data = batch(4, 16)
+    torch.manual_seed(3)
+    model.feed_data(data)
+    lq, gt = data['lq'], data['gt']
+    # out = lam * x + (1 - lam) * x[perm] for one lam and permutation shared by lq and gt
+    found = False
+    for perm in __import__('itertools').permutations(range(4)):
+        perm = list(perm)
+        denom = lq - lq[perm]
+        mask = denom.abs() > 1e-3
+        lam = ((model.lq - lq[perm])[mask] / denom[mask]).median()
+        if torch.allclose(model.lq, lam * lq + (1 - lam) * lq[perm], atol=1e-5) and \
+                torch.allclose(model.gt, lam * gt + (1 - lam) * gt[perm], atol=1e-5):
+            found = 0 < lam.item() < 1
+            break
+    assert found
+
+
 def test_ema_and_param_key_round_trip(tmp_path, seeded):
     model = build_model(make_opt(tmp_path, train={'ema_decay': 0.5}))
     model.feed_data(batch())

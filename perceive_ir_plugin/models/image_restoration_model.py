@@ -326,7 +326,11 @@ class ImageRestorationModel(SRModel):
         """
         data = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in data.items()}
         if 'sigma' in data:
-            from perceive_ir_plugin.data.degradations import apply_pending_noise
+            try:
+                from perceive_ir_plugin.data.degradations import apply_pending_noise
+            except ImportError as err:
+                raise RuntimeError("The batch carries 'sigma' (noise still to be added), but "
+                                   'perceive_ir_plugin.data.degradations.apply_pending_noise is not available.') from err
             data = apply_pending_noise(data)
         if self.is_train and not self._validating:
             if getattr(self, 'progressive', None) is not None:
