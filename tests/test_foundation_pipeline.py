@@ -53,11 +53,18 @@ class Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
     def __enter__(self):
-        logging.getLogger('basicsr').addHandler(self)
+        # BasicSR sets the level only when its logger is first made with a log file; another test of the
+        # same process may have made it without one (level NOTSET -> WARNING), so set INFO here.
+        logger = logging.getLogger('basicsr')
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
         return self
 
     def __exit__(self, *exc):
-        logging.getLogger('basicsr').removeHandler(self)
+        logger = logging.getLogger('basicsr')
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
     def text(self):
         return '\n'.join(self.lines)
