@@ -388,3 +388,16 @@ def test_strip_local_rank(monkeypatch):
         ['-opt', 'x.yml', '--launcher', 'pytorch']
     assert os.environ['LOCAL_RANK'] == '1'
     assert strip_local_rank(['--local_rank', '0', '-opt', 'y.yml']) == ['-opt', 'y.yml']
+
+
+def test_force_yml_is_parsed_safely():
+    from perceive_ir_plugin.utils.launch import apply_overrides, split_force_yml
+    rest, entries = split_force_yml(['-opt', 'x.yml', '--force_yml', 'train:ema_decay=0.999',
+                                     'train:optim_g:betas=[0.9, 0.99]', '--auto_resume'])
+    assert rest == ['-opt', 'x.yml', '--auto_resume']
+    opt = {'train': {'ema_decay': 0, 'optim_g': {'betas': [0.9, 0.9], 'lr': 1e-3}}, 'name': 'a'}
+    apply_overrides(opt, entries + ['name=__import__("os").getcwd()', 'train:optim_g:lr=!!float 2e-4'])
+    assert opt['train'] == {'ema_decay': 0.999, 'optim_g': {'betas': [0.9, 0.99], 'lr': 2e-4}}
+    assert opt['name'] == '__import__("os").getcwd()'  # a string, never evaluated
+    with pytest.raises(KeyError, match="'train:ema_decy' does not exist; did you mean 'train:ema_decay'"):
+        apply_overrides(opt, ['train:ema_decy=0.5'])

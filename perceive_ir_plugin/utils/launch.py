@@ -13,12 +13,17 @@ functions only while a pipeline runs and restores them afterwards:
 
 It also drops the ``--local-rank=N`` / ``--local_rank N`` argument that
 ``python -m torch.distributed.launch`` adds on torch >= 2.0 (``torchrun`` passes the rank
-through the environment instead).
+through the environment instead), and applies ``--force_yml a:b=value`` itself: BasicSR
+1.4.2 builds Python source from the command line and runs it with ``exec`` (``eval`` for
+lists); here values are parsed with ``yaml.safe_load`` and written into the loaded options
+before BasicSR derives anything from them. As in BasicSR, only existing keys can be set; an
+unknown key is an error that suggests the closest one.
 
 ``root_path`` is the current working directory: ``experiments/``, ``results/`` and
 ``tb_logger/`` are created there, as with ``python basicsr/train.py`` run from a BasicSR
 checkout.
 """
+import difflib
 import os
 import re
 import sys
@@ -28,6 +33,7 @@ from os import path as osp
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
 _LOCAL_RANK_RE = re.compile(r'^--local[-_]rank(=.*)?$')
 
@@ -132,18 +138,81 @@ def load_resume_state(opt):
     return state
 
 
+def split_force_yml(argv):
+    """Take the ``--force_yml KEY=VALUE ...`` entries out of ``argv``.
+
+    Returns:
+        tuple[list[str], list[str]]: Remaining arguments and the override entries.
+    """
+    rest, entries, i = [], [], 0
+    while i < len(argv):
+        if argv[i] in ('--force_yml', '--force-yml'):
+            i += 1
+            while i < len(argv) and not argv[i].startswith('-'):
+                entries.append(argv[i])
+                i += 1
+            continue
+        rest.append(argv[i])
+        i += 1
+    return rest, entries
+
+
+def apply_overrides(opt, entries):
+    """Set ``a:b:c=value`` entries in ``opt`` (existing keys only; YAML-parsed values, no ``eval``).
+
+    Raises:
+        KeyError: A key that does not exist (the message suggests the closest one).
+        ValueError: An entry without ``=``.
+    """
+    for entry in entries:
+        keys, sep, value = entry.partition('=')
+        if not sep:
+            raise ValueError(f"--force_yml expects key1:key2=value, got '{entry}'.")
+        node, path = opt, []
+        parts = [k.strip() for k in keys.split(':')]
+        for depth, key in enumerate(parts):
+            if not isinstance(node, dict) or key not in node:
+                choices = list(node) if isinstance(node, dict) else []
+                close = difflib.get_close_matches(key, choices, n=1)
+                hint = f"; did you mean '{':'.join(path + close)}'?" if close else ''
+                raise KeyError(f"--force_yml: option '{':'.join(path + [key])}' does not exist{hint}")
+            path.append(key)
+            if depth == len(parts) - 1:
+                node[key] = yaml.safe_load(value.strip()) if value.strip() else None
+            else:
+                node = node[key]
+    return opt
+
+
+def _loader_with_overrides(base_loader, entries):
+    class OverridingLoader(base_loader):
+        def get_single_data(self):
+            return apply_overrides(super().get_single_data(), entries)
+
+    return OverridingLoader
+
+
 @contextmanager
-def patched_basicsr():
-    """Temporarily replace BasicSR's ``init_dist`` (as used by ``parse_options``) and ``load_resume_state``."""
+def patched_basicsr(force_yml=()):
+    """Temporarily replace BasicSR's ``init_dist`` and ``load_resume_state``, and apply ``force_yml``."""
     import basicsr.train
     import basicsr.utils.options
-    saved = (basicsr.utils.options.init_dist, basicsr.train.load_resume_state)
+    saved = (basicsr.utils.options.init_dist, basicsr.train.load_resume_state, basicsr.utils.options.ordered_yaml)
+    original_ordered_yaml = basicsr.utils.options.ordered_yaml
+
+    def ordered_yaml():
+        loader, dumper = original_ordered_yaml()
+        return _loader_with_overrides(loader, list(force_yml)), dumper
+
     basicsr.utils.options.init_dist = init_dist
     basicsr.train.load_resume_state = load_resume_state
+    if force_yml:
+        basicsr.utils.options.ordered_yaml = ordered_yaml
     try:
         yield
     finally:
-        basicsr.utils.options.init_dist, basicsr.train.load_resume_state = saved
+        (basicsr.utils.options.init_dist, basicsr.train.load_resume_state,
+         basicsr.utils.options.ordered_yaml) = saved
 
 
 @contextmanager
@@ -173,11 +242,11 @@ def run_pipeline(kind, argv=None, root_path=None):
     from basicsr.test import test_pipeline
     from basicsr.train import train_pipeline
 
-    args = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    args, force_yml = split_force_yml(strip_local_rank(list(sys.argv[1:] if argv is None else argv)))
     root_path = osp.abspath(root_path or os.getcwd())
     pipeline = train_pipeline if kind == 'train' else test_pipeline
     try:
-        with patched_basicsr(), _argv(f'perceive_ir_plugin.{kind}', args):
+        with patched_basicsr(force_yml), _argv(f'perceive_ir_plugin.{kind}', args):
             pipeline(root_path)
     finally:
         if dist.is_available() and dist.is_initialized():
