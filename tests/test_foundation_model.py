@@ -401,3 +401,20 @@ def test_force_yml_is_parsed_safely():
     assert opt['name'] == '__import__("os").getcwd()'  # a string, never evaluated
     with pytest.raises(KeyError, match="'train:ema_decy' does not exist; did you mean 'train:ema_decay'"):
         apply_overrides(opt, ['train:ema_decy=0.5'])
+
+
+def test_auto_resume_looks_under_root_and_loads_on_cpu(tmp_path, monkeypatch):
+    from perceive_ir_plugin.utils.launch import load_resume_state
+    root = tmp_path / 'root'
+    states = root / 'experiments' / 'exp' / 'training_states'
+    states.mkdir(parents=True)
+    for it in (4, 12, 8):
+        torch.save({'epoch': 0, 'iter': it, 'optimizers': [], 'schedulers': []}, states / f'{it}.state')
+    (states / '.16.state.abc.tmp').write_bytes(b'partial write of a killed run')
+    monkeypatch.chdir(tmp_path)  # the working directory is not the root
+    opt = {'name': 'exp', 'auto_resume': True, 'root_path': str(root), 'network_g': {'type': 'X'},
+           'path': {'training_states': str(states), 'models': str(root / 'experiments' / 'exp' / 'models'),
+                    'resume_state': None, 'param_key_g': 'params_ema'}}
+    state = load_resume_state(opt)
+    assert state['iter'] == 12 and opt['path']['resume_state'] == str(states / '12.state')
+    assert opt['path']['pretrain_network_g'].endswith('net_g_12.pth') and opt['path']['param_key_g'] == 'params'
