@@ -228,7 +228,8 @@ class ImageRestorationModel(SRModel):
             return None
         missing = [k for k in PROGRESSIVE_KEYS if k not in prog]
         if missing:
-            raise ValueError(f'Progressive training ({where}) needs the keys {list(PROGRESSIVE_KEYS)}; missing {missing}.')
+            raise ValueError(f'Progressive training ({where}) needs the keys {list(PROGRESSIVE_KEYS)}; '
+                             f'missing {missing}.')
         iters, batches, sizes = ([int(v) for v in prog[k]] for k in PROGRESSIVE_KEYS)
         if not (len(iters) == len(batches) == len(sizes)) or not iters:
             raise ValueError(f'{where}.iters, mini_batch_sizes and gt_sizes must be non-empty lists of the same '
@@ -329,8 +330,8 @@ class ImageRestorationModel(SRModel):
             try:
                 from perceive_ir_plugin.data.degradations import apply_pending_noise
             except ImportError as err:
-                raise RuntimeError("The batch carries 'sigma' (noise still to be added), but "
-                                   'perceive_ir_plugin.data.degradations.apply_pending_noise is not available.') from err
+                raise RuntimeError("The batch carries 'sigma' (noise still to be added), but perceive_ir_plugin."
+                                   'data.degradations.apply_pending_noise is not available.') from err
             data = apply_pending_noise(data)
         if self.is_train and not self._validating:
             if getattr(self, 'progressive', None) is not None:

@@ -61,7 +61,8 @@ class CosineAnnealingRestartCyclicLR(_ClosedFormLR):
                              f'eta_mins must have the same length; got {len(self.periods)}, '
                              f'{len(self.restart_weights)} and {len(self.eta_mins)}.')
         if not self.periods or min(self.periods) <= 0:
-            raise ValueError(f'CosineAnnealingRestartCyclicLR: train.scheduler.periods must be positive, got {periods}.')
+            raise ValueError('CosineAnnealingRestartCyclicLR: train.scheduler.periods must be positive, '
+                             f'got {periods}.')
         self.cumulative_period = [sum(self.periods[:i + 1]) for i in range(len(self.periods))]
         super().__init__(optimizer, last_epoch)
 
