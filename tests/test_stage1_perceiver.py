@@ -190,7 +190,7 @@ def test_open_clip_state_dict_loads_into_tiny_config(tmp_path):
         assert torch.equal(clip.encode_image(img), source.encode_image(img))
 
 
-@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning', 'ignore::FutureWarning')
 def test_torchscript_archive_is_read_without_running_code(tmp_path):
     # OpenAI's ViT-B-32.pt is a TorchScript archive with the same parameter names; a traced
     # (half-precision, like OpenAI's) tiny CLIP has the same layout.

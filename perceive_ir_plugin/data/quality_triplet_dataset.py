@@ -15,6 +15,26 @@ from perceive_ir_plugin.data.tasks import TASK_IDS, TASKS, check_task
 MANIFEST = 'manifest.jsonl'
 TIERS = ('low', 'medium', 'high')
 
+# One reader per LMDB folder and process: py-lmdb refuses to open the same environment twice in a
+# process, and the train and val triplet sets usually share packs (e.g. the GT pack).
+_READERS = {}
+
+
+def release_shared_readers(under=None):
+    """Close the shared readers of packs inside folder ``under`` (all when None), e.g. before writing there."""
+    under = None if under is None else os.path.abspath(under)
+    for path in list(_READERS):
+        if under is None or path == under or path.startswith(under + os.sep):
+            _READERS.pop(path).close()
+
+
+def shared_reader(path, task=None):
+    """The process-wide :class:`LmdbImageReader` of ``path`` (created on first use)."""
+    path = os.path.abspath(path)
+    if path not in _READERS:
+        _READERS[path] = LmdbImageReader(path, task=task)
+    return _READERS[path]
+
 
 def _five_crops(height, width, size):
     """Top-left corners of the four corner crops and the centre crop."""
@@ -137,7 +157,7 @@ class QualityTripletDataset(data.Dataset):
 
     def _reader(self, path, task):
         if path not in self._readers:
-            self._readers[path] = LmdbImageReader(path, task=task)
+            self._readers[path] = shared_reader(path, task)
         return self._readers[path]
 
     def __len__(self):

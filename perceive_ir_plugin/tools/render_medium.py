@@ -121,7 +121,8 @@ def render_medium(dataroot, out, network_opt, checkpoints, split='train', tasks=
     import torch
 
     from perceive_ir_plugin.data.folds import fold_of
-    from perceive_ir_plugin.data.lmdb_io import LmdbImageReader, LmdbImageWriter, PackError
+    from perceive_ir_plugin.data.lmdb_io import LmdbImageWriter, PackError
+    from perceive_ir_plugin.data.quality_triplet_dataset import release_shared_readers, shared_reader
     from perceive_ir_plugin.data.pack_layout import pack_dir, read_pack_info
     from perceive_ir_plugin.data.tasks import check_task
     from perceive_ir_plugin.utils.atomic_io import atomic_write
@@ -140,16 +141,17 @@ def render_medium(dataroot, out, network_opt, checkpoints, split='train', tasks=
     device = torch.device(device)
     nets = _load_models(network_opt, checkpoints, device, trust)
     os.makedirs(out, exist_ok=True)
+    release_shared_readers(out)  # py-lmdb: a pack read in this process must be closed before writing it
     entries, counts = [], {}
     for task in tasks:
         src = pack_dir(dataroot, split, task)
         read_pack_info(src, task=task, split=split)
-        gt_reader = LmdbImageReader(os.path.join(src, 'gt.lmdb'), task=task)
+        gt_reader = shared_reader(os.path.join(src, 'gt.lmdb'), task=task)
         lq_path = os.path.join(src, 'lq.lmdb')
         synthesise = not os.path.isdir(lq_path)
         if synthesise and task != 'denoise':
             raise PackError(f"Task '{task}' has no lq.lmdb in {src}; only denoising synthesises its low images.")
-        lq_reader = None if synthesise else LmdbImageReader(lq_path, task=task)
+        lq_reader = None if synthesise else shared_reader(lq_path, task=task)
         keys = sorted(gt_reader.keys)
         plan = denoise_noise_plan(keys, sigmas, seed) if synthesise else {}
         task_out = os.path.join(out, task)
