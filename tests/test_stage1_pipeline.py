@@ -355,3 +355,38 @@ def test_stage1_prompt_training_learns_tiers(tmp_path, monkeypatch):
     model.test()
     trained_logits = trained(torch.stack([item['lq'], item['medium'], item['gt']]))
     assert torch.allclose(model.output, trained_logits, atol=1e-5)
+
+
+def test_stage1_option_files_follow_the_spec():
+    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
+    folder = os.path.join(REPO, 'options', 'train', 'PerceiveIR')
+    load = lambda name: yaml.safe_load(open(os.path.join(folder, name), encoding='utf-8'))  # noqa: E731
+    for k in (0, 1):
+        opt = load(f'stage1_medium_fold{k}.yml')
+        assert opt['model_type'] == 'ImageRestorationModel' and opt['model_type'] in MODEL_REGISTRY
+        data = opt['datasets']['train']
+        assert data['type'] == 'AllInOneDataset' and data['folds'] == [1 - k]  # trained without fold k
+        assert data['tasks'] == {'denoise': 3, 'dehaze': 1, 'derain': 120, 'deblur': 50, 'lowlight': 40}
+        assert (data['gt_size'], data['batch_size_per_gpu'], data['use_hflip'], data['use_vflip']) == (128, 4, True,
+                                                                                                      True)
+        train = opt['train']
+        assert train['optim_g'] == {'type': 'AdamW', 'lr': 2e-4, 'weight_decay': 1e-2, 'betas': [0.9, 0.999]}
+        assert train['scheduler'] == {'type': 'TrueCosineAnnealingLR', 'T_max': 20000, 'eta_min': 1e-6}
+        assert train['total_iter'] == 20000 and train['pixel_opt']['type'] == 'L1Loss' and train['autocast'] == 'bf16'
+        assert set(train) & {'perceptual_opt', 'ema_decay'} == set()
+        with torch.device('meta'):
+            net = build_network(dict(opt['network_g']))
+        assert type(net).__name__ == 'Restormer' and net.size_multiple == 8
+    opt = load('stage1_prompts.yml')
+    assert opt['model_type'] == 'QualityPromptModel' and opt['model_type'] in MODEL_REGISTRY
+    assert opt['network_g']['type'] in ARCH_REGISTRY and opt['network_g']['clip_model'] == 'ViT-B-32-quickgelu'
+    assert (opt['network_g']['n_ctx'], opt['network_g']['class_names']) == (16, ['terrible', 'mediocre', 'excellent'])
+    assert all(d['type'] in DATASET_REGISTRY for d in opt['datasets'].values())
+    assert opt['datasets']['train']['gt_size'] == 224 and opt['datasets']['train']['balance_tasks'] is True
+    train = opt['train']
+    assert train['optim_g'] == {'type': 'AdamW', 'lr': 4e-5, 'weight_decay': 1e-2, 'betas': [0.9, 0.999]}
+    assert train['scheduler'] == {'type': 'TrueCosineAnnealingLR', 'T_max': 100000, 'eta_min': 1e-6}
+    assert train['total_iter'] == 100000
+    assert {m['type'] for m in opt['val']['metrics'].values()} == {
+        'calculate_tier_accuracy', 'calculate_strict_triplet_rate', 'calculate_monotonic_rate'}
+    assert all(m['type'] in METRIC_REGISTRY for m in opt['val']['metrics'].values())
