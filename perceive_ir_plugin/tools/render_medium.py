@@ -62,9 +62,18 @@ def denoise_noise_plan(keys, sigmas=DEFAULT_SIGMAS, seed=0):
 
 
 def render_noisy(clean, sigma, seed):
-    """Deterministic noisy low image: (H, W, 3) uint8 RGB → (H, W, 3) uint8 RGB."""
-    from perceive_ir_plugin.data.degradations import add_gaussian_noise
-    return add_gaussian_noise(clean, sigma, np.random.default_rng(seed))
+    """Deterministic noisy low image: ``clip(round(clean + sigma * N(0, 1)))``.
+
+    Args:
+        clean (np.ndarray): (H, W, 3) uint8 RGB.
+        sigma (float): Noise standard deviation on the 0-255 scale.
+        seed (int): Seed of the ``np.random.default_rng`` drawing the float32 normals.
+
+    Returns:
+        np.ndarray: (H, W, 3) uint8 RGB.
+    """
+    noise = np.random.default_rng(seed).standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma)
+    return np.clip(np.round(clean.astype(np.float32) + noise), 0, 255).astype(np.uint8)
 
 
 def _relpath(path, root):
