@@ -136,8 +136,19 @@ def test_loader_missing_and_corrupt_files(tmp_path):
     bad = tmp_path / 'truncated.pth'
     torch.save({'params': _Tiny().state_dict()}, bad)
     bad.write_bytes(bad.read_bytes()[:50])
-    with pytest.raises(ckpt.CheckpointError, match='truncated or not a checkpoint'):
+    with pytest.raises(ckpt.CheckpointError, match='corrupt, truncated or another format'):
         ckpt.load_checkpoint_file(str(bad))
+
+
+@pytest.mark.parametrize('content', [bytes(range(256)) * 2, b'hello, not a checkpoint\n' * 20])
+def test_loader_garbage_is_not_mistaken_for_pickled_code(tmp_path, content):
+    path = tmp_path / 'garbage.pth'
+    path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_checkpoint_file(str(path), option_key='network_g.clip_weights')
+    assert 'corrupt, truncated or another format' in str(err.value)
+    assert 'network_g.clip_weights' in str(err.value)
+    assert '--trust-checkpoint' not in str(err.value)
 
 
 def test_extract_state_dict_errors():

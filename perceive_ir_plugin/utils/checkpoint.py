@@ -58,19 +58,33 @@ def load_checkpoint_file(path, *, trust=False, option_key=None, map_location='cp
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if not _asks_for_globals(err):
+            raise CheckpointError(f'Cannot read {_where(path, option_key)} as a PyTorch checkpoint '
+                                  f'(corrupt, truncated or another format): {_first_line(err)}') from err
         if not trust:
             raise CheckpointError(
                 f'Refusing to load {_where(path, option_key)}: it contains pickled Python objects that '
                 "torch.load(weights_only=True) will not build, and unpickling them can run arbitrary code. "
                 'If you trust where this file comes from, pass --trust-checkpoint (command line) or set '
-                f'trust_checkpoint: true (options) to load it anyway. Details: {str(err).splitlines()[0]}'
-            ) from err
+                f'trust_checkpoint: true (options) to load it anyway. Details: {_first_line(err)}') from err
         get_root_logger().warning(f'Loading {_where(path, option_key)} with weights_only=False because '
                                   'trust was given explicitly: this file can run code when unpickled.')
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
         raise CheckpointError(f'Cannot read {_where(path, option_key)} as a PyTorch checkpoint '
-                              f'(truncated or not a checkpoint?): {err}') from err
+                              f'(corrupt, truncated or another format): {_first_line(err)}') from err
+
+
+def _asks_for_globals(err):
+    """True when the safe unpickler stopped at a class/function reference (not at garbage bytes)."""
+    text = str(err)
+    return 'global' in text.lower() and 'Unsupported operand' not in text
+
+
+def _first_line(err):
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    wanted = [line for line in lines if 'global' in line.lower() or 'operand' in line.lower()]
+    return (wanted or lines or [type(err).__name__])[0].strip()[:300]
 
 
 def _is_state_dict(obj):
