@@ -144,6 +144,43 @@ def _meta_line(key, shape, fmt, compress_level):
     return f'{key}.{fmt} ({h},{w},{c}) {compress_level if fmt == "png" else 0}\n'
 
 
+# One read-only environment per pack and process: py-lmdb refuses to open the same files twice in a
+# process (several datasets may read one pack), and an environment inherited through fork() must not be
+# used by the child, so a child closes the inherited handle and opens its own.
+_SHARED_ENVS = {}
+
+
+def _env_identity(lmdb_path):
+    st = os.stat(os.path.join(lmdb_path, 'data.mdb'))
+    return (os.path.realpath(lmdb_path), st.st_dev, st.st_ino)
+
+
+def shared_read_env(lmdb_path):
+    """The process-wide read-only environment of ``lmdb_path`` (opened on first use in each process)."""
+    ident = _env_identity(lmdb_path)
+    entry = _SHARED_ENVS.get(ident)
+    if entry is not None:
+        pid, env = entry
+        if pid == os.getpid():
+            return env
+        try:  # inherited from the parent through fork(): release it, then open our own
+            env.close()
+        except lmdb.Error:
+            pass
+    env = lmdb.open(lmdb_path, readonly=True, lock=False, readahead=False, subdir=True, max_readers=512)
+    _SHARED_ENVS[ident] = (os.getpid(), env)
+    return env
+
+
+def release_shared_env(lmdb_path):
+    """Close this process's shared read environment of ``lmdb_path`` (before writing to it)."""
+    real = os.path.realpath(str(lmdb_path))
+    for ident in [k for k in _SHARED_ENVS if k[0] == real]:
+        pid, env = _SHARED_ENVS.pop(ident)
+        if pid == os.getpid():
+            env.close()
+
+
 def _atomic_write_text(path, text):
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'w', encoding='ascii') as f:
@@ -181,6 +218,7 @@ class LmdbImageWriter:
         self.task = task
         self.meta_path = os.path.join(lmdb_path, 'meta_info.txt')
         os.makedirs(lmdb_path, exist_ok=True)
+        release_shared_env(lmdb_path)
         self._map_size = int(map_size or 256 * 1024**2)
         self.env = lmdb.open(lmdb_path, map_size=self._map_size, subdir=True)
         self._map_size = max(self._map_size, self.env.info()['map_size'])
@@ -300,7 +338,8 @@ class LmdbImageWriter:
 
 
 class LmdbImageReader:
-    """Read-only access to one ``*.lmdb`` image pack, opened lazily once per process (worker-safe).
+    """Read-only access to one ``*.lmdb`` image pack, opened lazily once per process (worker-safe; the
+    environment is shared by all readers of the pack in a process, see :func:`shared_read_env`).
 
     Args:
         lmdb_path (str): Pack folder (``.../gt.lmdb``).
@@ -327,18 +366,12 @@ class LmdbImageReader:
             raise PackError(f'{meta}: {bad} malformed line(s); expected "<key>.png (<h>,<w>,<c>) <level>"')
         self._meta = {k: v[0] for k, v in entries.items()}
         self.keys = list(entries)
-        self._env = None
-        self._pid = None
 
     def _task_note(self):
         return f" (task '{self.task}')" if self.task else ''
 
     def _txn_env(self):
-        if self._env is None or self._pid != os.getpid():
-            self._env = lmdb.open(self.lmdb_path, readonly=True, lock=False, readahead=False, subdir=True,
-                                  max_readers=512)
-            self._pid = os.getpid()
-        return self._env
+        return shared_read_env(self.lmdb_path)
 
     def __len__(self):
         return len(self.keys)
@@ -378,11 +411,5 @@ class LmdbImageReader:
         return img
 
     def close(self):
-        if self._env is not None:
-            self._env.close()
-        self._env, self._pid = None, None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state['_env'], state['_pid'] = None, None
-        return state
+        """Close this process's environment of the pack (shared by every reader of it)."""
+        release_shared_env(self.lmdb_path)
