@@ -338,7 +338,7 @@ def official_keys(net):
     return keys
 
 
-def retrofit_state_dict(net, official_sd):
+def retrofit_state_dict(net, official_sd, source='The checkpoint'):
     """Map the state dict of a plain official backbone onto a tree-conditioned network.
 
     Shared keys are copied; every official LayerNorm weight/bias, ``beta`` and ``gamma``
@@ -349,6 +349,7 @@ def retrofit_state_dict(net, official_sd):
     Args:
         net (nn.Module): Tree-conditioned network.
         official_sd (dict[str, Tensor]): Official keys (prefixes already stripped).
+        source (str): How to name the checkpoint in errors.
 
     Returns:
         OrderedDict[str, Tensor]: A complete state dict for ``net``.
@@ -364,7 +365,7 @@ def retrofit_state_dict(net, official_sd):
                   if k in official_sd and tuple(official_sd[k].shape) != tuple(s)],
     }
     if any(report.values()):
-        raise CheckpointError(f'Checkpoint does not fit the plain backbone of {type(net).__name__}:\n'
+        raise CheckpointError(f'{source} does not fit the plain backbone of {type(net).__name__}:\n'
                               f'{format_mismatch(report)}')
     out = OrderedDict()
     own = net.state_dict()
@@ -404,10 +405,7 @@ def load_backbone_checkpoint(net, path, param_key=None, trust=False, option_key=
     checkpoint = load_checkpoint_file(path, trust=trust, option_key=option_key)
     state_dict, _ = extract_state_dict(checkpoint, param_key)
     state_dict, _ = strip_prefix(state_dict, official_keys(net).keys())
-    try:
-        full = retrofit_state_dict(net, state_dict)
-    except CheckpointError as err:
-        raise CheckpointError(f"Checkpoint '{path}' (option '{option_key}'): {err}") from err
+    full = retrofit_state_dict(net, state_dict, source=f"Checkpoint '{path}' (option '{option_key}')")
     net.load_state_dict(full, strict=True)
 
 

@@ -80,7 +80,8 @@ class AMIRNetModel(ImageRestorationModel):
     ``network_g`` must be a tree-conditioned network (``AMIRNet``, ``ConditionedNAFNet``,
     ``ConditionedRestormer``, ``ConditionedPromptIR``). Training batches must carry a
     stable per-sample ``key`` (``AllInOneDataset`` does); BasicSR's paired datasets'
-    ``gt_path`` is used when there is no ``key``.
+    ``gt_path`` is used when there is no ``key``. Pending synthetic noise levels are part
+    of the tree key (see :meth:`batch_keys`).
 
     Options under ``train`` (defaults in brackets):
 
@@ -91,7 +92,10 @@ class AMIRNetModel(ImageRestorationModel):
       ``T, 2T, ...`` until the tree has ``depth`` levels;
     * ``tree_passes`` [5]: passes over the training set per split (fresh crops each);
     * ``tree_batch_size`` [32], ``tree_num_workers`` [``num_worker_per_gpu`` of the
-      train set]: loader of the feature extraction;
+      train set, at least 1]: loader of the feature extraction. It runs on its own copy of
+      the training set; with LMDB packs keep both this and the train loader's
+      ``num_worker_per_gpu`` >= 1, because py-lmdb refuses to open one environment twice
+      in a process (worker processes keep the main process free of open environments);
     * ``tree_max_samples`` [null]: use at most this many (evenly spaced) dataset indices
       per pass (null: the whole set, as AMIRNet);
     * ``tree_feature`` ['pred']: ``'pred'`` (AMIRNet: masked pred-head differences) or
@@ -129,7 +133,7 @@ class AMIRNetModel(ImageRestorationModel):
         self.tree_passes = int(train_opt.get('tree_passes', 5))
         self.tree_batch_size = int(train_opt.get('tree_batch_size', 32))
         train_set = (self.opt.get('datasets') or {}).get('train') or {}
-        self.tree_num_workers = int(train_opt.get('tree_num_workers', train_set.get('num_worker_per_gpu', 0)))
+        self.tree_num_workers = int(train_opt.get('tree_num_workers', max(1, train_set.get('num_worker_per_gpu', 0))))
         max_samples = train_opt.get('tree_max_samples')
         self.tree_max_samples = None if max_samples is None else int(max_samples)
         self.tree_feature = train_opt.get('tree_feature', 'pred')
@@ -182,18 +186,31 @@ class AMIRNetModel(ImageRestorationModel):
 
     @staticmethod
     def batch_keys(data):
-        """Stable sample keys of a batch: ``key`` (plugin datasets) or ``gt_path`` (BasicSR's).
+        """Tree keys of a batch: the stable sample ``key`` (or BasicSR's ``gt_path``), plus the noise level.
+
+        A sample whose ``sigma`` > 0 (synthetic denoising, where the same clean image is
+        used at several noise levels) gets ``'<key>@sigma<σ>'``, so every noise level of an
+        image is its own tree sample.
+
+        Returns:
+            list[str]: One key per sample.
 
         Raises:
-            KeyError: The batch has neither.
+            KeyError: The batch has neither ``key`` nor ``gt_path``.
         """
         for name in ('key', 'gt_path'):
             if name in data:
                 keys = data[name]
-                return [keys] if isinstance(keys, str) else [str(k) for k in keys]
-        raise KeyError("AMIRNetModel needs a stable per-sample 'key' (or 'gt_path') in every training batch to store "
-                       f'tree pseudo-labels; the batch has only {sorted(data)}. Use AllInOneDataset or a paired '
-                       'dataset.')
+                keys = [keys] if isinstance(keys, str) else [str(k) for k in keys]
+                break
+        else:
+            raise KeyError("AMIRNetModel needs a stable per-sample 'key' (or 'gt_path') in every training batch to "
+                           f'store tree pseudo-labels; the batch has only {sorted(data)}. Use AllInOneDataset or a '
+                           'paired dataset.')
+        sigma = data.get('sigma')
+        if torch.is_tensor(sigma):
+            keys = [f'{k}@sigma{s:g}' if s > 0 else k for k, s in zip(keys, sigma.reshape(-1).tolist())]
+        return keys
 
     def compute_losses(self, output):
         """Restoration loss on the clamped output + per-level cross-entropy against the pseudo-labels.
