@@ -16,8 +16,8 @@ from perceive_ir_plugin.data.tasks import DEFAULT_SIGMAS, TASK_IDS, resolve_task
 
 
 def to_tensor(img):
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 RGB in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 RGB in [0, 1] (NumPy arithmetic: no torch thread start-up)."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0))
 
 
 def upscale_to_min_side(imgs, size):
