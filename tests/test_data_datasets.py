@@ -150,6 +150,7 @@ def test_basicsr_dataloader_collates(coded_root, workers):
     opt = dict(name='train', type='AllInOneDataset', phase='train', dataroot=coded_root, gt_size=16,
                return_lq_pos=True, batch_size_per_gpu=4, num_worker_per_gpu=workers, pin_memory=False)
     ds = build_dataset(opt)
+    ds[0]  # the parent opens the packs first: forked workers must open their own environments
     loader = build_dataloader(ds, opt, num_gpu=0, dist=False, seed=0)
     batch = next(iter(loader))
     for k in ('lq', 'gt', 'lq_pos'):
