@@ -87,13 +87,13 @@ class DemoConfig:
 # 'quick' is the smoke-test version.
 SIZES = {
     'full': {
-        'packs': {'train_per_task': 24, 'test_per_task': 4, 'size': 96},
+        'packs': {'max_side': 128},
         'medium_iters': 150, 'medium_crop': 48,
         'prompt_iters': 60, 'prompt_crop': 64,
         'stage2_iters': 300, 'stage2_crop': 48, 'stage2_batch': 4,
     },
     'quick': {
-        'packs': {'train_per_task': 4, 'test_per_task': 1, 'size': 40},
+        'packs': {'max_side': 48},
         'medium_iters': 2, 'medium_crop': 32,
         'prompt_iters': 2, 'prompt_crop': 32,
         'stage2_iters': 3, 'stage2_crop': 32, 'stage2_batch': 4,
@@ -209,6 +209,8 @@ def build_options(cfg, paths=None):
         ds['batch_size_per_gpu'] = s['stage2_batch']
         opt['train']['total_iter'] = s['stage2_iters']
         opt['train']['scheduler']['T_max'] = s['stage2_iters']
+        if opt['train'].get('dpl_probe'):
+            opt['train']['dpl_probe']['crop'] = s['stage2_crop']
         if paths.get('init_backbone'):
             key = 'pretrain_network_backbone' if run == 'perceiveir' else 'pretrain_network_g'
             opt['path'][key] = paths['init_backbone']
@@ -230,9 +232,11 @@ def build_options(cfg, paths=None):
 
 def configure_perceiveir_network(net_opt, cfg):
     """Point the Perceive-IR network's frozen DINOv2 at ``--dino-weights`` (else keep the tiny random one)."""
-    sgm = net_opt.get('sgm') if isinstance(net_opt.get('sgm'), dict) else None
-    if sgm is not None and cfg.dino_weights:
-        sgm.update(model='dinov2_vitb14', weights=os.path.abspath(cfg.dino_weights))
+    if cfg.dino_weights:
+        net_opt.update(sgm_config='dinov2_vitb14', sgm_weights=os.path.abspath(cfg.dino_weights),
+                       sgm_allow_random=False)
+    else:
+        net_opt.update(sgm_weights=None, sgm_allow_random=True)
 
 
 def configure_perceiveir(opt, cfg, paths):
@@ -254,10 +258,8 @@ def configure_perceiveir(opt, cfg, paths):
             dpl_opt.update(vgg_weights=None, allow_random_vgg=True)
     medium = paths.get('medium')
     for proxy in train.get('proxies') or []:
-        if medium and proxy.get('checkpoints') is not None:
-            proxy['checkpoints'] = list(medium)
-        elif medium and proxy.get('checkpoint') is not None:
-            proxy['checkpoint'] = medium[0]
+        if medium and 'fold_checkpoints' in proxy:
+            proxy['fold_checkpoints'] = list(medium)
 
 
 def write_options(opt, path):
