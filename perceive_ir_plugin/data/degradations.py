@@ -216,9 +216,10 @@ def hashed_normal(seeds, rows, cols, channels=3):
     base = _mix64(seeds.to(torch.int64)).view(-1, 1, 1, 1)
     ch = torch.arange(channels, device=dev, dtype=torch.int64).view(1, -1, 1, 1)
     index = ((rows.view(rows.shape[0], 1, -1, 1) << _COORD_BITS) + cols.view(cols.shape[0], 1, 1, -1)) * 4 + ch
-    counter = base + index * _GOLDEN2
-    u1 = (_shr(_mix64(counter + _GOLDEN), 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
-    u2 = (_shr(_mix64(counter), 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    bits = _mix64(base + index * _GOLDEN2)
+    # two 23-bit uniforms in (0, 1) from disjoint bit ranges of one 64-bit hash
+    u1 = (_shr(bits, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    u2 = (((bits >> 9) & ((1 << 23) - 1)).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
 
 
