@@ -94,12 +94,12 @@ class AllInOneDataset(data.Dataset):
         key (str): ``'<task>/<lmdb key>'``; lq_path, gt_path (str): ``<pack>/<lq|gt>.lmdb/<key>``.
     """
 
-    OPTION_KEYS = ('dataroot', 'tasks', 'setting', 'split', 'sigmas', 'gt_size', 'use_hflip', 'use_vflip',
+    option_keys = ('dataroot', 'tasks', 'setting', 'split', 'sigmas', 'gt_size', 'use_hflip', 'use_vflip',
                    'return_lq_pos', 'folds', 'n_folds', 'io_backend')
 
     def __init__(self, opt):
         super().__init__()
-        check_dataset_keys(opt, self.OPTION_KEYS, type(self).__name__)
+        check_dataset_keys(opt, self.option_keys, type(self).__name__)
         self.opt = opt
         if not opt.get('dataroot'):
             raise ValueError("AllInOneDataset: option 'dataroot' (pack root made by `perceive-ir pack`) is required")

@@ -80,12 +80,12 @@ class AllInOneTestDataset(data.Dataset):
         key (str): ``'<task>/<lmdb key>'``; lq_path, gt_path (str) (denoising lq_path ends in ``_s<σ>``).
     """
 
-    OPTION_KEYS = ('dataroot', 'task', 'split', 'protocol', 'sigma', 'protocol_sigmas', 'crop_multiple',
+    option_keys = ('dataroot', 'task', 'split', 'protocol', 'sigma', 'protocol_sigmas', 'crop_multiple',
                    'center_crop', 'max_images', 'io_backend')
 
     def __init__(self, opt):
         super().__init__()
-        check_dataset_keys(opt, self.OPTION_KEYS, type(self).__name__)
+        check_dataset_keys(opt, self.option_keys, type(self).__name__)
         self.opt = opt
         if not opt.get('dataroot'):
             raise ValueError("AllInOneTestDataset: option 'dataroot' is required")
