@@ -9,6 +9,16 @@ from perceive_ir_plugin.archs.semantic_guidance import (DINOv2SemanticEncoder, t
                                                         timm_to_original_dinov2)
 from perceive_ir_plugin.utils.checkpoint import CheckpointError
 
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Trainable parameters of PerceiveIRNet's default (release) configuration, counted by
 # building it (frozen DINOv2 excluded). SPEC §7 tallies ≈33.9 M from the release's layers.
 DEFAULT_TRAINABLE_PARAMS = 33_901_111
