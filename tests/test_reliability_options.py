@@ -184,6 +184,7 @@ def test_force_yml_overrides_are_checked_too(tmp_path, monkeypatch):
     for split in ('train', 'val'):
         for side in ('gt', 'lq'):
             os.makedirs(f'datasets/tiny/{split}/{side}')
+            open(f'datasets/tiny/{split}/{side}/0.png', 'wb').close()
     opt = check_option_file(TINY_NAFNET, overrides=['train:total_iter=3'])
     assert opt['train']['total_iter'] == 3
     with pytest.raises(OptionError, match=r"--force_yml: option 'train:total_iters' does not exist; did you mean "

@@ -32,7 +32,8 @@ What is checked, and against what:
   iterable of keys for datasets). Dataset keys are the data-loader keys plus those its
   class (and its base classes) reads.
 * Files: ``path.pretrain_network_*`` and ``path.resume_state`` must exist, and so must each
-  dataset's ``dataroot*`` / ``meta_info_file``; an LMDB folder needs ``meta_info.txt``
+  dataset's ``dataroot*`` / ``meta_info_file``; a disk folder must hold at least one image
+  (BasicSR would otherwise fail with a division by zero); an LMDB folder needs ``meta_info.txt``
   (skipped with ``check_files=False``, e.g. for option templates with placeholder paths).
 * The option file itself is read with ``yaml.safe_load``: a Python-object tag
   (``!!python/object/apply:...``), which BasicSR's own loader would execute, is refused.
@@ -226,6 +227,17 @@ def dataset_option_keys(cls):
         else:
             keys |= _keys_read_in_file(path)
     return keys
+
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.ppm', '.webp')
+
+
+def _has_image(folder):
+    """True if ``folder`` (or a sub-folder) holds at least one image file; stops at the first one."""
+    for _, _, files in os.walk(folder):
+        if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------- signatures
@@ -425,6 +437,9 @@ class _Checker:
             for key, value in ds_opt.items():
                 if str(key).startswith('dataroot') and isinstance(value, str):
                     self.file_exists(value, f'{path}.{key}', 'data folder', folder_ok=True)
+                    if self.check_files and io_type in (None, 'disk') and os.path.isdir(value) \
+                            and not _has_image(value):
+                        self.add(f'{path}.{key}', f'no image files in {value!r}: the dataset would be empty')
                     if self.check_files and io_type == 'lmdb' and value.endswith('.lmdb') and os.path.isdir(value) \
                             and not os.path.isfile(os.path.join(value, 'meta_info.txt')):
                         self.add(f'{path}.{key}', f'LMDB folder {value!r} has no meta_info.txt (incomplete pack, '
@@ -593,7 +608,8 @@ def check_pipeline_argv(argv, is_train):
         is_train (bool): Training or testing.
 
     Returns:
-        dict: The checked options (as read from the file, overrides applied).
+        dict | None: The checked options (as read from the file, overrides applied); None
+        without ``-opt``.
 
     Raises:
         OptionError: With every problem found, each naming its option path.
@@ -601,7 +617,9 @@ def check_pipeline_argv(argv, is_train):
     from perceive_ir_plugin.utils.launch import split_force_yml, strip_local_rank
     args, overrides = split_force_yml(strip_local_rank(list(sys.argv[1:] if argv is None else argv)))
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument('-opt', type=str, required=True)
+    parser.add_argument('-opt', type=str, default=None)
     parser.add_argument('--auto_resume', action='store_true')
     known, _ = parser.parse_known_args(args)
+    if known.opt is None:  # BasicSR's own parser reports the missing -opt (and answers --help)
+        return None
     return check_option_file(known.opt, is_train=is_train, overrides=overrides, auto_resume=known.auto_resume)
