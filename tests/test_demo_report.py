@@ -91,3 +91,12 @@ def test_plots_and_strips_are_written(tmp_path):
     assert cv2.imread(str(tmp_path / 's' / 'strip.png')).shape == strip.shape
     with pytest.raises(ValueError, match='differ in shape'):
         report.image_strip([('a', a), ('b', b[:16])])
+
+
+def test_smooth_is_a_trailing_mean_that_skips_nan(tmp_path):
+    assert report.smooth([1.0, 3.0, float('nan'), 5.0], 2) == [1.0, 2.0, 3.0, 5.0]
+    assert report.smooth([1.0, 2.0], 1) == [1.0, 2.0]
+    curves = {'l1': {'iter': list(range(1, 61)), 'l_pix': [1.0 / i for i in range(1, 61)]}}
+    # Long runs plot the raw curve faintly plus its moving average.
+    report.plot_losses(curves, str(tmp_path / 'long.png'))
+    assert cv2.imread(str(tmp_path / 'long.png')) is not None

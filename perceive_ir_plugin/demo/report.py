@@ -94,6 +94,26 @@ def _pyplot():
     return plt
 
 
+def smooth(values, window):
+    """Trailing moving average (NaNs skipped); ``window`` <= 1 returns the values."""
+    if window <= 1:
+        return list(values)
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1):i + 1] if math.isfinite(v)]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
+
+
+def _plot_curve(ax, x, y, style, label, color=None):
+    window = max(1, len(x) // 25) if len(x) > 30 else 1
+    if window > 1:
+        line, = ax.plot(x, y, style, alpha=0.2, color=color)
+        ax.plot(x, smooth(y, window), style, color=line.get_color(), label=f'{label} (moving avg {window})')
+    else:
+        ax.plot(x, y, style, color=color, label=label)
+
+
 def plot_losses(curves, path):
     """Loss curves of both runs.
 
@@ -107,17 +127,17 @@ def plot_losses(curves, path):
     for run, style in (('l1', '--'), ('perceiveir', '-')):
         c = curves.get(run) or {}
         if c.get('iter') and 'l_pix' in c:
-            axes[0].plot(c['iter'], c['l_pix'], style, label=f'{RUN_LABELS[run]}: L1 term')
+            _plot_curve(axes[0], c['iter'], c['l_pix'], style, f'{RUN_LABELS[run]}: L1 term')
     axes[0].set_xlabel('iteration')
     axes[0].set_ylabel('L1 (pixel) loss')
     axes[0].set_title('Reconstruction term, same data / seed / iterations')
     axes[0].legend()
     c = curves.get('perceiveir') or {}
     for key in [k for k in c if k.startswith('l_')]:
-        axes[1].plot(c['iter'], c[key], label=key)
+        _plot_curve(axes[1], c['iter'], c[key], '-', key, color='k' if key == 'l_total' else None)
     total = _total_curve(c)
     if total is not None:
-        axes[1].plot(c['iter'], total, 'k-', linewidth=2, label='L_total (weighted sum)')
+        _plot_curve(axes[1], c['iter'], total, '-', 'L_total (weighted sum)', color='k')
     axes[1].set_xlabel('iteration')
     axes[1].set_ylabel('weighted loss term')
     axes[1].set_title('Perceive-IR loss terms')

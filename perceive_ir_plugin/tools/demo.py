@@ -17,7 +17,11 @@ import sys
 def run(args):
     """Entry of ``perceive-ir demo``; returns the exit code."""
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    import torch
+
     import perceive_ir_plugin  # noqa: F401  (registers the plugin's classes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from perceive_ir_plugin.demo.pipeline import DemoConfig, run_demo, summary_text
     cfg = DemoConfig(out=args.out, device=args.device, quick=args.quick, clip_weights=args.clip_weights,
                      dino_weights=args.dino_weights, vgg_weights=args.vgg_weights, seed=args.seed,
@@ -50,5 +54,7 @@ def add_parser(subparsers):
                         help='torchvision vgg16-397923af.pth; default: random VGG-16')
     parser.add_argument('--quick', action='store_true', help='tiny sizes and a few iterations (smoke test)')
     parser.add_argument('--seed', type=int, default=0, help='seed of both stage-2 runs (default 0)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 helps on a busy machine)")
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
     parser.set_defaults(func=run)
