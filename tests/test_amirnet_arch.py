@@ -82,9 +82,9 @@ ADAPTER_CASES = {
                (2, 3, 19, 23)),
     'restormer': ('ConditionedRestormer', Restormer, dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
                                                           heads=[1, 2, 2, 4]), 'basicsr', (2, 3, 16, 24)),
-    'restormer_biasfree': ('ConditionedRestormer', Restormer, dict(dim=8, num_blocks=[1, 1, 1, 1],
-                                                                   num_refinement_blocks=1, heads=[1, 2, 2, 4],
-                                                                   LayerNorm_type='BiasFree'), 'basicsr', (1, 3, 16, 16)),
+    'restormer_biasfree': ('ConditionedRestormer', Restormer,
+                           dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4],
+                                LayerNorm_type='BiasFree'), 'basicsr', (1, 3, 16, 16)),
     'promptir': ('ConditionedPromptIR', PromptIR, dict(num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, decoder=True),
                  'lightning', (1, 3, 16, 16)),
 }

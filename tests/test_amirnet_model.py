@@ -212,7 +212,7 @@ def test_demo_option_file_trains_on_demo_packs_and_runs_the_test_pipeline(tmp_pa
     opt['train']['scheduler']['T_max'] = 6
     val_sets = {f'test_{k[4:]}': opt['datasets'].pop(k) for k in list(opt['datasets']) if k.startswith('val')}
     assert len(val_sets) == 5  # validated below through the test pipeline only (saves time)
-    opt['logger'].update(print_freq=1, save_checkpoint_freq=100)
+    opt['logger'].update(print_freq=1, save_checkpoint_freq=6)
     with open('train.yml', 'w', encoding='utf-8') as f:
         yaml.safe_dump(opt, f)
     with _Capture() as log:
@@ -223,6 +223,8 @@ def test_demo_option_file_trains_on_demo_packs_and_runs_the_test_pipeline(tmp_pa
     exp = tmp_path / 'experiments' / 'AMIRNet_demo'
     weights = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)['params']
     assert int(weights['degradation_encoder.active_levels']) == 4
+    state = torch.load(exp / 'training_states' / '6.state', weights_only=True)  # what --auto_resume reads
+    assert state['degradation_tree']['num_levels'] == 4 and len(state['degradation_tree']['history']) == 3
 
     # the plugin's test pipeline on the trained network (the validation sets as test sets)
     test_opt = {'name': 'AMIRNet_demo_test', 'model_type': 'AMIRNetModel', 'scale': 1, 'num_gpu': 0,

@@ -33,7 +33,8 @@ import torch
 from torch import nn as nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from perceive_ir_plugin.archs.arch_util import BiasFreeLayerNorm, TransformerBlock, gelu_gate, pad_to_multiple, simple_gate
+from perceive_ir_plugin.archs.arch_util import (BiasFreeLayerNorm, TransformerBlock, gelu_gate, pad_to_multiple,
+                                                simple_gate)
 from perceive_ir_plugin.archs.degradation_tree_arch import DegradationTreeEncoder
 from perceive_ir_plugin.archs.nafnet_arch import NAFBlock, NAFNet
 from perceive_ir_plugin.archs.promptir_arch import PromptIR

@@ -178,7 +178,14 @@ class AMIRNetModel(ImageRestorationModel):
 
     # ---------------------------------------------------------------- forward
     def net_forward(self, net, lq):
-        """Run the network and keep its tree outputs in ``self.tree_output``."""
+        """Run the network and keep its tree outputs in ``self.tree_output``.
+
+        In eval mode the bare network is called: BasicSR validates on rank 0 only, and a
+        DDP forward would try to broadcast the encoder's BatchNorm buffers to ranks that
+        are not there.
+        """
+        if not net.training:
+            net = self.get_bare_model(net)
         out = net(lq, return_tree=True)
         if isinstance(out, tuple):
             out, self.tree_output = out
