@@ -196,3 +196,13 @@ def test_force_yml_overrides_are_checked_too(tmp_path, monkeypatch):
         path = tmp_path / 'bad.yml'
         path.write_text(yaml.safe_dump(bad))
         check_pipeline_argv(['-opt', str(path), '--auto_resume'], is_train=True)
+
+
+def test_loss_weight_argument_must_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt = tiny()
+    opt['train']['dpl_opt'] = {'type': 'DifficultyAdaptivePerceptualLoss', 'vgg_weights': 'vgg/vgg16.pth'}
+    assert "train.dpl_opt.vgg_weights: weights file not found: 'vgg/vgg16.pth'" in '\n'.join(find_option_problems(opt))
+    opt['train']['dpl_opt']['vgg_weigths'] = opt['train']['dpl_opt'].pop('vgg_weights')
+    assert any(p.startswith("train.dpl_opt.vgg_weigths: DifficultyAdaptivePerceptualLoss takes no argument "
+                            "'vgg_weigths'; did you mean 'vgg_weights'?") for p in find_option_problems(opt))

@@ -16,7 +16,7 @@ What is checked, and against what:
 * ``network_*``: ``type`` against ``ARCH_REGISTRY``; the other keys against the constructor
   signature of that class (``inspect``; a constructor with ``**kwargs`` accepts any key);
   required constructor arguments that are missing; values of weight-file arguments
-  (``*weights``, ``*_ckpt``, ``*_checkpoint``) that name no existing file.
+  (``*weights``, ``*_ckpt``, ``*_checkpoint``; also in losses) that name no existing file.
 * ``model_type`` against ``MODEL_REGISTRY``; ``datasets.<phase>.type`` against
   ``DATASET_REGISTRY`` (phases are ``train``, ``val``, ``test`` with optional ``_suffix``);
   ``val.metrics.<name>.type`` against ``METRIC_REGISTRY``; every ``train.*_opt`` with a
@@ -483,7 +483,10 @@ class _Checker:
             elif key.endswith('_opt'):
                 cls = self.registered(self.loss, 'loss', value.get('type'), f'{path}.type')
                 if cls is not None:
-                    self.signature_keys(value, path, cls, cls.__name__)
+                    names = self.signature_keys(value, path, cls, cls.__name__)
+                    for arg, arg_value in value.items():
+                        if arg in names and isinstance(arg_value, str) and WEIGHT_ARG_RE.search(arg):
+                            self.file_exists(arg_value, f'{path}.{arg}', 'weights file')
 
     def named_choice(self, name, table, kind, path):
         if name in table:
