@@ -274,3 +274,24 @@ def test_quality_clip_loss_option_errors():
         QualityCLIPLoss(perceiver=_StubPerceiver(), target_class='superb')
     with pytest.raises(ValueError, match='logit_scale'):
         QualityCLIPLoss(perceiver=_StubPerceiver(), logit_scale='huge')
+
+
+def test_quality_clip_loss_with_the_stage1_perceiver_built_from_options():
+    torch.manual_seed(0)
+    loss = build_loss({'type': 'QualityCLIPLoss', 'loss_weight': 0.05,
+                       'perceiver': {'type': 'QualityPerceiver', 'clip_model': 'perceive-ir-tiny-clip'}})
+    perceiver = loss.perceiver
+    assert perceiver.is_frozen and not any(p.requires_grad for p in perceiver.parameters())
+    img = torch.rand(2, 3, 32, 32, requires_grad=True)
+    value = loss(img)
+    with torch.no_grad():
+        cos = perceiver.cosine(img)
+    # release default: softmax over the raw cosines, class 'excellent' = index 2
+    expected = 0.05 * (1 - cos.softmax(dim=1)[:, 2]).mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0.05 * 0.5 < value.item() < 0.05 * 0.8  # near-uniform: ≈ 2/3 (SPEC §11.6)
+    value.backward()
+    assert img.grad.abs().sum() > 0
+    assert all(p.grad is None for p in perceiver.parameters())
+    loss.train()
+    assert not loss.training and not perceiver.training
