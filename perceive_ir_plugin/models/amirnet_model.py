@@ -143,6 +143,13 @@ class AMIRNetModel(ImageRestorationModel):
         self.tree_kmeans_n_init = int(train_opt.get('tree_kmeans_n_init', 10))
         if self.tree_passes < 1 or self.tree_batch_size < 1:
             raise ValueError('train.tree_passes and train.tree_batch_size must be >= 1.')
+        total = train_opt.get('total_iter')
+        last_split = (self.tree.depth - 1) * self.tree_split_iters
+        if total is not None and last_split > int(total):
+            get_root_logger().warning(
+                f'train.tree_split_iters={self.tree_split_iters}: the last tree level would be built at iteration '
+                f'{last_split}, after train.total_iter={int(total)}; the tree will not reach its '
+                f'{self.tree.depth} levels.')
 
     def setup_losses(self):
         """Read the AMIRNet loss weights; ``pixel_opt``/``perceptual_opt`` are optional extras."""
