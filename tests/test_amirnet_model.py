@@ -239,3 +239,23 @@ def test_demo_option_file_trains_on_demo_packs_and_runs_the_test_pipeline(tmp_pa
     text = '\n'.join(log.lines)
     for name in ('demo-denoise-sigma25', 'demo-derain', 'demo-dehaze', 'demo-deblur', 'demo-lowlight'):
         assert re.search(rf'Validation {name}\n\s+# psnr: \d+\.\d+', text), name
+
+
+@pytest.mark.parametrize('name', ['demo', '3task', '5task'])
+def test_option_files_are_valid_and_fit_the_tree_schedule(name):
+    from perceive_ir_plugin.utils.option_check import find_option_problems, load_option_file
+    opt = load_option_file(os.path.join(REPO, 'options', 'train', 'AMIRNet', f'AMIRNet_{name}.yml'))
+    assert find_option_problems(opt, check_files=False) == []
+    assert opt['model_type'] == 'AMIRNetModel' and opt['network_g']['type'] == 'AMIRNet'
+    assert opt['datasets']['train']['type'] == 'AllInOneDataset'
+    assert opt['datasets']['train']['num_worker_per_gpu'] >= 1 and opt['train']['tree_num_workers'] >= 1
+    train = opt['train']
+    assert (opt['network_g']['depth'] - 1) * train['tree_split_iters'] < train['total_iter']
+    assert (train['smooth_l1_weight'], train['smooth_l1_beta'], train['ssim_weight']) == (0.85, 0.03, 0.15)
+    assert train['optim_g']['lr'] == 5e-4 and train['optim_g']['betas'] == [0.9, 0.999]
+    if name != 'demo':  # the released layout and recipe
+        assert opt['network_g']['width'] == 64 and opt['network_g']['enc_blk_nums'] == [1, 1, 1, 28]
+        assert opt['datasets']['train']['gt_size'] == 256 and opt['manual_seed'] == 3407
+        assert opt['num_gpu'] * opt['datasets']['train']['batch_size_per_gpu'] == 32
+    opt['train']['tree_split_iter'] = opt['train'].pop('tree_split_iters')
+    assert any("did you mean 'tree_split_iters'" in p for p in find_option_problems(opt, check_files=False))
