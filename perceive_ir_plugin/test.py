@@ -10,10 +10,12 @@ Results (log, images) go to ``results/<name>/`` under the current working direct
 import sys
 
 from perceive_ir_plugin.utils.launch import run_pipeline
+from perceive_ir_plugin.utils.option_check import check_pipeline_argv
 
 
 def main(argv=None, root_path=None):
     """Run testing; ``argv`` defaults to ``sys.argv[1:]``, ``root_path`` to the working directory."""
+    check_pipeline_argv(argv, is_train=False)  # every bad option reported before anything is built
     return run_pipeline('test', argv, root_path)
 
 

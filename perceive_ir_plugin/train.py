@@ -12,10 +12,12 @@ Works on CPU (``num_gpu: 0``; distributed runs then use gloo) and GPU; see
 import sys
 
 from perceive_ir_plugin.utils.launch import run_pipeline
+from perceive_ir_plugin.utils.option_check import check_pipeline_argv
 
 
 def main(argv=None, root_path=None):
     """Run training; ``argv`` defaults to ``sys.argv[1:]``, ``root_path`` to the working directory."""
+    check_pipeline_argv(argv, is_train=True)  # every bad option reported before anything is built
     return run_pipeline('train', argv, root_path)
 
 
