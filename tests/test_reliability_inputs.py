@@ -181,6 +181,22 @@ def test_gt_lq_size_mismatch_names_the_pair(tmp_path):
     assert not os.path.exists(tmp_path / 'out' / 'train' / 'derain' / 'pack.json')
 
 
+def test_validation_pair_with_different_sizes_names_the_files(tmp_path):
+    """At validation BasicSR's paired dataset only crops GT down to LQ; an LQ larger than its GT reaches the
+    model, which names the pair before any loss or metric sees it."""
+    write_png(tmp_path / 'gt' / 'x.png', np.zeros((30, 40, 3), np.uint8))
+    write_png(tmp_path / 'lq' / 'x.png', np.zeros((32, 40, 3), np.uint8))
+    ds = PairedImageDataset({'dataroot_gt': str(tmp_path / 'gt'), 'dataroot_lq': str(tmp_path / 'lq'),
+                             'io_backend': {'type': 'disk'}, 'filename_tmpl': '{}', 'scale': 1, 'phase': 'val'})
+    batch = {k: (v.unsqueeze(0) if torch.is_tensor(v) else [v]) for k, v in ds[0].items()}
+    m = model()
+    with pytest.raises(ValueError, match=r'lq .*lq/x\.png is 32x40 but gt .*gt/x\.png is 30x40'):
+        m.feed_data(batch)
+    # an aligned pair passes
+    m.feed_data({'lq': torch.zeros(1, 3, 30, 40), 'gt': torch.zeros(1, 3, 30, 40)})
+    assert m.lq.shape == m.gt.shape
+
+
 def test_image_smaller_than_the_crop_names_the_file(tmp_path):
     tiny_folders(str(tmp_path), gt_hw=(24, 24), lq_hw=(24, 24), n=1)
     root = tmp_path / 'datasets' / 'tiny' / 'train'

@@ -38,6 +38,17 @@ def test_every_bundled_option_file_is_valid(path):
     assert find_option_problems(opt, is_train=is_train, check_files=False) == []
 
 
+def test_plugin_dataset_sections_are_held_to_the_keys_the_dataset_accepts():
+    """A key another plugin dataset reads (AllInOneDataset's ``tasks``) is still wrong for AllInOneTestDataset."""
+    opt = load_option_file(os.path.join(REPO, 'options', 'test', 'PromptIR', 'PromptIR_3task.yml'))
+    section = opt['datasets']['test_1']
+    section['tasks'] = [section.pop('task')]
+    section['sigmas'] = [section.pop('sigma')]
+    assert find_option_problems(opt, is_train=False, check_files=False) == [
+        "datasets.test_1.tasks: unknown option for AllInOneTestDataset; did you mean 'task'?",
+        "datasets.test_1.sigmas: unknown option for AllInOneTestDataset; did you mean 'sigma'?"]
+
+
 @pytest.mark.parametrize('edit, expected', [
     (lambda o: o['network_g'].update(num_blok=[1, 1, 1, 1]),
      "network_g.num_blok: Restormer takes no argument 'num_blok'; did you mean 'num_blocks'?"),

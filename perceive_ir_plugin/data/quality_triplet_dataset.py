@@ -9,6 +9,7 @@ import torch
 from torch.utils import data as data
 
 from basicsr.utils.registry import DATASET_REGISTRY
+from perceive_ir_plugin.data.dataset_options import check_dataset_keys
 from perceive_ir_plugin.data.lmdb_io import LmdbImageReader, PackError
 from perceive_ir_plugin.data.tasks import TASK_IDS, TASKS, check_task
 
@@ -87,8 +88,12 @@ class QualityTripletDataset(data.Dataset):
         ``"<task>/<lmdb key>"``), ``fold`` (int64 tensor), ``lq_path`` / ``gt_path`` (str).
     """
 
+    option_keys = ('dataroot', 'tasks', 'folds', 'gt_size', 'use_hflip', 'use_vflip', 'balance_tasks',
+                   'samples_per_task', 'max_per_task', 'five_crop', 'io_backend')
+
     def __init__(self, opt):
         super().__init__()
+        check_dataset_keys(opt, self.option_keys, type(self).__name__)
         self.opt = opt
         backend = (opt.get('io_backend') or {'type': 'lmdb'}).get('type', 'lmdb')
         if backend != 'lmdb':

@@ -326,6 +326,7 @@ class ImageRestorationModel(SRModel):
                 [0, 1]; ``gt`` (optional) has the same layout.
         """
         data = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in data.items()}
+        self._check_pair_sizes(data)
         if 'sigma' in data:
             try:
                 from perceive_ir_plugin.data.degradations import apply_pending_noise
@@ -342,6 +343,34 @@ class ImageRestorationModel(SRModel):
         self.lq = data['lq']
         if 'gt' in data:
             self.gt = data['gt']
+
+    def _check_pair_sizes(self, data):
+        """Raise a ValueError naming the files when ``gt`` is not ``scale`` times ``lq``.
+
+        BasicSR's paired datasets crop only in training; a validation or test pair whose
+        sizes differ would otherwise fail deep inside a metric or the loss.
+        """
+        lq, gt = data.get('lq'), data.get('gt')
+        if not (torch.is_tensor(lq) and torch.is_tensor(gt)):
+            return
+        scale = int(self.opt.get('scale', 1) or 1)
+        lq_hw, gt_hw = tuple(lq.shape[-2:]), tuple(gt.shape[-2:])
+        if (gt_hw[0], gt_hw[1]) == (lq_hw[0] * scale, lq_hw[1] * scale):
+            return
+
+        def names(key):
+            paths = data.get(key)
+            if isinstance(paths, str):
+                paths = [paths]
+            if not paths:
+                return f'<{key} not in the batch>'
+            shown = ', '.join(str(p) for p in list(paths)[:3])
+            return shown + (f' (+{len(paths) - 3} more)' if len(paths) > 3 else '')
+
+        expect = f' (scale {scale})' if scale != 1 else ''
+        raise ValueError(f'GT/LQ size mismatch{expect}: lq {names("lq_path")} is {lq_hw[0]}x{lq_hw[1]} but '
+                         f'gt {names("gt_path")} is {gt_hw[0]}x{gt_hw[1]} (height x width). Fix or remove '
+                         'the pair; restoration pairs must be pixel-aligned.')
 
     def _apply_progressive(self, data):
         prog = self.progressive

@@ -216,14 +216,19 @@ def _class_option_keys(cls, section=None):
 
 def dataset_option_keys(cls):
     """Keys a dataset class accepts: data-loader keys, keys its class hierarchy reads, declared keys."""
-    keys = set(DATALOADER_KEYS) | MODEL_DATASET_KEYS | _class_option_keys(cls)
+    declared = _class_option_keys(cls)
+    keys = set(DATALOADER_KEYS) | MODEL_DATASET_KEYS | declared
     for klass in inspect.getmro(cls):
         module = sys.modules.get(klass.__module__)
         path = getattr(module, '__file__', None)
         if not path or klass.__module__.startswith(('torch.', 'builtins')):
             continue
         if klass.__module__.startswith(PLUGIN_PACKAGE):
-            keys |= plugin_option_keys()  # plugin datasets may read options in helper modules
+            if declared:  # plugin datasets that declare option_keys are held to them (as at run time)
+                from perceive_ir_plugin.data.dataset_options import BASICSR_DATASET_KEYS
+                keys |= BASICSR_DATASET_KEYS
+            else:  # otherwise: any key the plugin reads (helper modules)
+                keys |= plugin_option_keys()
         else:
             keys |= _keys_read_in_file(path)
     return keys
