@@ -30,7 +30,7 @@ demo: venv
 	$(PY) -m perceive_ir_plugin.cli demo
 
 bench: venv
-	for f in bench/*.py; do $(PY) $$f || exit 1; done
+	for f in bench/[!_]*.py; do $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

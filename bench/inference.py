@@ -22,7 +22,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _timing import sync, time_interleaved  # noqa: E402  (bench/ is on sys.path)
 import perceive_ir_plugin  # noqa: E402,F401  (registers the archs)
 from basicsr.archs import build_network  # noqa: E402
 
@@ -57,36 +57,6 @@ def wrapper_options(backbone_opt, scale):
     """Options of the Perceive-IR wrapper around ``backbone_opt`` (random frozen DINOv2)."""
     from perceive_ir_plugin.demo.stage2 import wrapper_network_options
     return wrapper_network_options(backbone_opt, scale)
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device, warmup, repeats):
-    """Median wall time of ``fn()`` in milliseconds."""
-    return time_interleaved([fn], device, warmup, repeats)[0]
-
-
-def time_interleaved(fns, device, warmup, repeats):
-    """Median wall times (ms) of several callables, run in turn in every round.
-
-    Interleaving makes slow drifts of the machine (other processes, clocks) hit every
-    candidate alike, so their ratio stays meaningful on a busy machine.
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    sync(device)
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[i].append((time.perf_counter() - start) * 1000)
-    return [statistics.median(t) for t in times]
 
 
 def _read_hwm_kib():

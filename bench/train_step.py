@@ -27,7 +27,6 @@ import copy
 import datetime
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _timing import time_call, time_interleaved  # noqa: E402  (bench/ is on sys.path)
 import perceive_ir_plugin  # noqa: E402,F401  (registers everything)
 from basicsr.archs import build_network  # noqa: E402
 from basicsr.losses import build_loss  # noqa: E402
@@ -76,36 +76,6 @@ SCALES = {
         ],
     },
 }
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn, device, warmup, repeats):
-    """Median wall time of ``fn()`` in milliseconds."""
-    return time_interleaved([fn], device, warmup, repeats)[0]
-
-
-def time_interleaved(fns, device, warmup, repeats):
-    """Median wall times (ms) of several callables, run in turn in every round.
-
-    Interleaving makes slow drifts of the machine (other processes, clocks) hit every
-    candidate alike, so their ratio stays meaningful on a busy machine.
-    """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    sync(device)
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[i].append((time.perf_counter() - start) * 1000)
-    return [statistics.median(t) for t in times]
 
 
 def random_clip_file(model_name, folder):

@@ -21,3 +21,12 @@ def seeded():
     torch.manual_seed(0)
     np.random.seed(0)
     return 0
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-tensor tests (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

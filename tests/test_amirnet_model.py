@@ -1,6 +1,5 @@
 """AMIRNetModel: loss terms, tree growth during training, DDP gathering, resume, demo option file pipelines."""
 import io
-import logging
 import os
 import re
 
@@ -17,6 +16,7 @@ from basicsr.models import build_model
 
 from perceive_ir_plugin.models import amirnet_model
 from perceive_ir_plugin.models.amirnet_model import AMIRNetModel, ssim
+from log_capture import Capture as _Capture  # tests/ helper
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_OPT = os.path.join(REPO, 'options', 'train', 'AMIRNet', 'AMIRNet_demo.yml')
@@ -170,26 +170,6 @@ def test_amirnet_model_rejects_plain_network_and_missing_schedule(paired_folder,
     del opt['train']['tree_split_iters']
     with pytest.raises(ValueError, match='train.tree_split_iters'):
         build_model(opt)
-
-
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    def __enter__(self):
-        logger = logging.getLogger('basicsr')
-        self._level = logger.level
-        logger.setLevel(logging.INFO)
-        logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger('basicsr').removeHandler(self)
-        logging.getLogger('basicsr').setLevel(self._level)
 
 
 def test_demo_option_file_trains_on_demo_packs_and_runs_the_test_pipeline(tmp_path, monkeypatch):

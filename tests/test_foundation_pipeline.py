@@ -1,5 +1,4 @@
 """BasicSR train/test pipelines through the plugin's entry points, checkpoint retrofit and convert."""
-import logging
 import math
 import os
 import re
@@ -22,6 +21,7 @@ from perceive_ir_plugin import cli
 from perceive_ir_plugin.tools.convert import convert_checkpoint
 from perceive_ir_plugin.utils.checkpoint import CheckpointError
 from perceive_ir_plugin.utils.tiling import pad_to_multiple
+from log_capture import Capture  # tests/ helper
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'options', 'tiny')
@@ -40,34 +40,6 @@ def make_paired_folders(root, splits=(('train', 4, (40, 40)), ('val', 2, (36, 44
             noisy = np.clip(base.astype(int) + rng.integers(-25, 26, base.shape), 0, 255).astype(np.uint8)
             cv2.imwrite(os.path.join(root, 'datasets', 'tiny', split, 'gt', f'{i:03d}.png'), base)
             cv2.imwrite(os.path.join(root, 'datasets', 'tiny', split, 'lq', f'{i:03d}.png'), noisy)
-
-
-class Capture(logging.Handler):
-    """Collects the messages of BasicSR's logger (which does not propagate)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    def __enter__(self):
-        # BasicSR sets the level only when its logger is first made with a log file; another test of the
-        # same process may have made it without one (level NOTSET -> WARNING), so set INFO here.
-        logger = logging.getLogger('basicsr')
-        self._level = logger.level
-        logger.setLevel(logging.INFO)
-        logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logger = logging.getLogger('basicsr')
-        logger.removeHandler(self)
-        logger.setLevel(self._level)
-
-    def text(self):
-        return '\n'.join(self.lines)
 
 
 def write_options(src, dst, edit=None):

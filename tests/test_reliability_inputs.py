@@ -1,5 +1,4 @@
 """The bad-input matrix: each bad input gets a clear error naming its culprit, or an explicit conversion."""
-import logging
 import os
 
 import cv2
@@ -18,6 +17,7 @@ from perceive_ir_plugin.data.packing import PackError, load_image_rgb, write_tas
 from perceive_ir_plugin.utils.atomic_io import atomic_torch_save
 from perceive_ir_plugin.utils.checkpoint import CheckpointError
 from perceive_ir_plugin.utils.option_check import OptionError
+from log_capture import Capture  # tests/ helper
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NAFNET = os.path.join(REPO, 'options', 'tiny', 'NAFNet_train_tiny.yml')
@@ -59,25 +59,6 @@ def train_options(root, edit):
     with open(path, 'w', encoding='utf-8') as f:
         yaml.safe_dump(opt, f)
     return path
-
-
-class Capture(logging.Handler):
-    """Collect the messages of BasicSR's logger (it does not propagate to the root logger)."""
-
-    def __enter__(self):
-        self.lines = []
-        self.logger = logging.getLogger('basicsr')
-        self.level = self.logger.level
-        self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self)
-        return self
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
 
 
 # ------------------------------------------------------------------------------------ options

@@ -10,13 +10,8 @@ from perceive_ir_plugin.archs.semantic_guidance import (DINOv2SemanticEncoder, t
 from perceive_ir_plugin.utils.checkpoint import CheckpointError
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one intra-op thread is faster, and much faster on a loaded machine.
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 # Trainable parameters of PerceiveIRNet's default (release) configuration, counted by

@@ -13,13 +13,8 @@ from perceive_ir_plugin.losses.quality_clip_loss import QualityCLIPLoss
 from perceive_ir_plugin.utils.checkpoint import CheckpointError
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one intra-op thread is faster, and much faster on a loaded machine.
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 # ---------------------------------------------------------------- L_cl

@@ -17,13 +17,8 @@ from perceive_ir_plugin.models.dpl_probe import build_probe_set
 from perceive_ir_plugin.models.proxies import ProxyBank, psnr_per_sample
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one intra-op thread is faster, and much faster on a loaded machine.
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from perceive_ir_plugin.archs.arch_util import (ChannelLayerNorm, check_size_multiple, gelu_gate,
                                                 transposed_attention)
 from perceive_ir_plugin.archs.compact_feature import CompactFeatureExtractor
-from perceive_ir_plugin.archs.semantic_guidance import FrozenHolder, PromptGuidance, shared_semantic_encoder
+from perceive_ir_plugin.archs.semantic_guidance import (FrozenHolder, FrozenSGMMixin, PromptGuidance,
+                                                         shared_semantic_encoder)
 
 
 class MDTA(nn.Module):
@@ -180,7 +181,7 @@ def _tb_stage(n, dim, heads, factor, bias, ln):
 
 
 @ARCH_REGISTRY.register()
-class PerceiveIRNet(nn.Module):
+class PerceiveIRNet(FrozenSGMMixin, nn.Module):
     """Perceive-IR restoration network (4-level U-shape, TB encoder, ETB latent/decoder).
 
     At each decoder level l (and the latent), a Prompt Guidance Module turns
@@ -261,16 +262,6 @@ class PerceiveIRNet(nn.Module):
         self.decoder1 = GuidedStage(num_blocks[0], widths[0], heads[0], f, bias, ln, etb_mode)
         self.refinement = _tb_stage(num_refinement_blocks, widths[0], heads[0], f, bias, ln)
         self.output = nn.Conv2d(dim, out_channels, 3, padding=1, bias=bias)
-
-    @property
-    def semantic_encoder(self):
-        """The frozen DINOv2 encoder (not a registered sub-module)."""
-        return self.sgm.module
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self.sgm.apply(fn)
-        return self
 
     def guidance(self, x):
         """Guidance vectors [DINO CLS ‖ Z] for decoder levels 1, 2, 3 and the latent.

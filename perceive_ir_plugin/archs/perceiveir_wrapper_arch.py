@@ -14,7 +14,8 @@ from torch import nn
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
 from perceive_ir_plugin.archs.compact_feature import CompactFeatureExtractor
-from perceive_ir_plugin.archs.semantic_guidance import FrozenHolder, PromptGuidance, shared_semantic_encoder
+from perceive_ir_plugin.archs.semantic_guidance import (FrozenHolder, FrozenSGMMixin, PromptGuidance,
+                                                         shared_semantic_encoder)
 from perceive_ir_plugin.utils.checkpoint import load_checkpoint_into
 
 _FILM_ATTR = '_perceive_ir_film'
@@ -52,7 +53,7 @@ def _film_pre_hook(module, args):
 
 
 @ARCH_REGISTRY.register()
-class PerceiveIRWrapper(nn.Module):
+class PerceiveIRWrapper(FrozenSGMMixin, nn.Module):
     """Any registered backbone + SGM (frozen DINOv2) + CFE + per-level FiLM (PGM).
 
     Args:
@@ -118,16 +119,6 @@ class PerceiveIRWrapper(nn.Module):
     def size_multiple(self):
         """Input size multiple required by the backbone."""
         return getattr(self.backbone, 'size_multiple', 1)
-
-    @property
-    def semantic_encoder(self):
-        """The frozen DINOv2 encoder (not a registered sub-module)."""
-        return self.sgm.module
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self.sgm.apply(fn)
-        return self
 
     def load_backbone(self, path, param_key=None, strict=True, trust=False,
                       option_key='path.pretrain_network_backbone'):

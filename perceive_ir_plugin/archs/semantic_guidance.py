@@ -315,6 +315,23 @@ class FrozenHolder:
         return self.module(*args, **kwargs)
 
 
+
+class FrozenSGMMixin:
+    """For networks that keep their frozen SGM encoder in ``self.sgm`` (a :class:`FrozenHolder`).
+
+    Exposes the encoder as ``semantic_encoder`` and forwards device/dtype moves to it.
+    """
+
+    @property
+    def semantic_encoder(self):
+        """The frozen DINOv2 encoder (not a registered sub-module)."""
+        return self.sgm.module
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.sgm.apply(fn)
+        return self
+
 # ----------------------------------------------------------------------------------------------
 # Prompt Guidance Module (FiLM)
 # ----------------------------------------------------------------------------------------------

@@ -576,12 +576,20 @@ class ImageRestorationModel(SRModel):
         keys = param_key if isinstance(param_key, list) else [param_key]
         if len(nets) != len(keys):
             raise ValueError('save_network: the lengths of net and param_key differ.')
-        save_dict = {}
-        for net_, key in zip(nets, keys):
-            state_dict = self.get_bare_model(net_).state_dict()
-            save_dict[key] = OrderedDict(
-                (k[len('module.'):] if k.startswith('module.') else k, v.detach().cpu()) for k, v in state_dict.items())
+        save_dict = {key: self.network_state_to_save(net_) for net_, key in zip(nets, keys)}
         return self._save_with_retries(save_dict, save_path)
+
+    def network_state_to_save(self, net):
+        """What ``save_network`` writes for one network: its bare state dict on the CPU.
+
+        Subclasses that save only part of a network (the stage-1 prompts) override this.
+
+        Returns:
+            OrderedDict[str, Tensor]: Keys without a ``module.`` prefix.
+        """
+        state_dict = self.get_bare_model(net).state_dict()
+        return OrderedDict(
+            (k[len('module.'):] if k.startswith('module.') else k, v.detach().cpu()) for k, v in state_dict.items())
 
     @staticmethod
     def _save_with_retries(obj, path):

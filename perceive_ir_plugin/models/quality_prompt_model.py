@@ -146,23 +146,10 @@ class QualityPromptModel(ImageRestorationModel):
         self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
 
     # ------------------------------------------------------------------ saving / loading
-    @master_only
-    def save_network(self, net, net_label, current_iter, param_key='params'):
-        """Atomically write ``models/<net_label>_<iter>.pth`` = ``{param_key: prompt_learner.* state}``.
-
-        The frozen CLIP is not written (it comes from ``network_g.clip_weights``).
-        """
-        label = 'latest' if current_iter == -1 else current_iter
-        save_path = os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth')
-        nets = net if isinstance(net, list) else [net]
-        keys = param_key if isinstance(param_key, list) else [param_key]
-        if len(nets) != len(keys):
-            raise ValueError('save_network: the lengths of net and param_key differ.')
-        save_dict = {}
-        for net_, key in zip(nets, keys):
-            state = self._perceiver(net_).prompt_learner.state_dict()
-            save_dict[key] = OrderedDict((f'prompt_learner.{k}', v.detach().cpu()) for k, v in state.items())
-        return self._save_with_retries(save_dict, save_path)
+    def network_state_to_save(self, net):
+        """Only ``prompt_learner.*`` is written; the frozen CLIP comes from ``network_g.clip_weights``."""
+        state = self._perceiver(net).prompt_learner.state_dict()
+        return OrderedDict((f'prompt_learner.{k}', v.detach().cpu()) for k, v in state.items())
 
     def save(self, epoch, current_iter):
         """Save the network file and training state (inherited), then the prompts file."""
