@@ -34,3 +34,22 @@ def time_interleaved(fns, device, warmup, repeats):
             sync(device)
             times[i].append((time.perf_counter() - start) * 1000)
     return [statistics.median(t) for t in times]
+
+
+def resolve_run_args(parser, args):
+    """Device and defaults shared by the bench scripts' ``--device/--threads/--scale/--repeats/--warmup``.
+
+    Returns:
+        tuple: ``(device, scale, repeats, warmup)``; on CUDA full-size networks, 20 timed and
+        5 untimed runs, on the CPU small networks, 3 and 1.
+    """
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda but CUDA is not available')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_gpu = device.type == 'cuda'
+    scale = args.scale or ('full' if on_gpu else 'small')
+    repeats = args.repeats or (20 if on_gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    return device, scale, repeats, warmup

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import sync, time_interleaved  # noqa: E402  (bench/ is on sys.path)
+from _timing import resolve_run_args, sync, time_interleaved  # noqa: E402  (bench/ is on sys.path)
 import perceive_ir_plugin  # noqa: E402,F401  (registers the archs)
 from basicsr.archs import build_network  # noqa: E402
 
@@ -114,14 +114,7 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda but CUDA is not available')
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    scale = args.scale or ('full' if device.type == 'cuda' else 'small')
-    repeats = args.repeats or (20 if device.type == 'cuda' else 3)
-    warmup = args.warmup if args.warmup is not None else (5 if device.type == 'cuda' else 1)
+    device, scale, repeats, warmup = resolve_run_args(parser, args)
     torch.manual_seed(0)
     backbone_opt = dict(BACKBONES[scale][args.backbone])
     bare = build_network(dict(backbone_opt)).to(device).eval()

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import time_call, time_interleaved  # noqa: E402  (bench/ is on sys.path)
+from _timing import resolve_run_args, time_call, time_interleaved  # noqa: E402  (bench/ is on sys.path)
 import perceive_ir_plugin  # noqa: E402,F401  (registers everything)
 from basicsr.archs import build_network  # noqa: E402
 from basicsr.losses import build_loss  # noqa: E402
@@ -115,20 +115,13 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda but CUDA is not available')
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    scale = args.scale or ('full' if device.type == 'cuda' else 'small')
+    device, scale, repeats, warmup = resolve_run_args(parser, args)
     scfg = SCALES[scale]
     size = args.size or scfg['size']
     batch = args.batch or scfg['batch']
     k = scfg['proxies'] if args.proxies is None else args.proxies
     if k > len(scfg['proxy_nets']):
         parser.error(f'--proxies at most {len(scfg["proxy_nets"])}')
-    repeats = args.repeats or (20 if device.type == 'cuda' else 3)
-    warmup = args.warmup if args.warmup is not None else (5 if device.type == 'cuda' else 1)
     backbone_opt = dict(scfg['backbones'][args.backbone])
     autocast = 'bf16' if args.bf16 else None
 
