@@ -29,28 +29,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import resolve_run_args, sync, time_interleaved  # noqa: E402  (bench/ is on sys.path)
+from _common import BACKBONES, resolve_run_args, sync, time_interleaved  # noqa: E402  (bench/ is on sys.path)
 import perceive_ir_plugin  # noqa: E402,F401  (registers the archs)
 from basicsr.archs import build_network  # noqa: E402
 
 from perceive_ir_plugin.utils.tiling import tiled_forward  # noqa: E402
-
-BACKBONES = {
-    'full': {
-        'Restormer': dict(type='Restormer', dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4,
-                          heads=[1, 2, 4, 8], ffn_expansion_factor=2.66, bias=False, LayerNorm_type='WithBias'),
-        'NAFNet': dict(type='NAFNet', width=32, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 28],
-                       dec_blk_nums=[1, 1, 1, 1]),
-        'PromptIR': dict(type='PromptIR', dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4, decoder=True),
-    },
-    'small': {
-        'Restormer': dict(type='Restormer', dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
-                          heads=[1, 1, 2, 2], ffn_expansion_factor=2.66, bias=False, LayerNorm_type='WithBias'),
-        'NAFNet': dict(type='NAFNet', width=16, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 1],
-                       dec_blk_nums=[1, 1, 1, 1]),
-        'PromptIR': dict(type='PromptIR', dim=48, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, decoder=True),
-    },
-}
 
 
 def wrapper_options(backbone_opt, scale):

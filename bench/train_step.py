@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import resolve_run_args, time_call, time_interleaved  # noqa: E402  (bench/ is on sys.path)
+from _common import BACKBONES, resolve_run_args, time_call, time_interleaved  # noqa: E402  (bench/ is on sys.path)
 import perceive_ir_plugin  # noqa: E402,F401  (registers everything)
 from basicsr.archs import build_network  # noqa: E402
 from basicsr.losses import build_loss  # noqa: E402
@@ -43,14 +43,6 @@ from basicsr.losses import build_loss  # noqa: E402
 SCALES = {
     'full': {
         'size': 256, 'batch': 2, 'proxies': 3, 'clip_model': 'ViT-B-32-quickgelu', 'sgm_config': 'dinov2_vitb14',
-        'backbones': {
-            'Restormer': dict(type='Restormer', dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4,
-                              heads=[1, 2, 4, 8], ffn_expansion_factor=2.66, bias=False, LayerNorm_type='WithBias'),
-            'NAFNet': dict(type='NAFNet', width=32, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 28],
-                           dec_blk_nums=[1, 1, 1, 1]),
-            'PromptIR': dict(type='PromptIR', dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4,
-                             decoder=True),
-        },
         # Proxies of the official 3-task config that exist as plugin archs: the stage-1 medium
         # Restormer, PromptIR (3-task) and a NAFNet in place of the third-party restorers.
         'proxy_nets': [
@@ -61,14 +53,6 @@ SCALES = {
     },
     'small': {
         'size': 64, 'batch': 2, 'proxies': 2, 'clip_model': 'perceive-ir-tiny-clip', 'sgm_config': 'tiny',
-        'backbones': {
-            'Restormer': dict(type='Restormer', dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
-                              heads=[1, 1, 2, 2], ffn_expansion_factor=2.66, bias=False, LayerNorm_type='WithBias'),
-            'NAFNet': dict(type='NAFNet', width=16, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 1],
-                           dec_blk_nums=[1, 1, 1, 1]),
-            'PromptIR': dict(type='PromptIR', dim=48, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
-                             decoder=True),
-        },
         'proxy_nets': [
             dict(type='Restormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 2, 2]),
             dict(type='NAFNet', width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]),
@@ -103,7 +87,7 @@ def proxy_files(scale_cfg, k, folder):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N')
-    parser.add_argument('--backbone', default='Restormer', choices=('Restormer', 'NAFNet', 'PromptIR'))
+    parser.add_argument('--backbone', default='Restormer', choices=sorted(BACKBONES['full']))
     parser.add_argument('--scale', default=None, choices=('full', 'small'),
                         help='network sizes (default: full on CUDA, small on CPU)')
     parser.add_argument('--size', type=int, default=None, help='crop size (default 256 full / 64 small)')
@@ -122,7 +106,7 @@ def main(argv=None):
     k = scfg['proxies'] if args.proxies is None else args.proxies
     if k > len(scfg['proxy_nets']):
         parser.error(f'--proxies at most {len(scfg["proxy_nets"])}')
-    backbone_opt = dict(scfg['backbones'][args.backbone])
+    backbone_opt = dict(BACKBONES[scale][args.backbone])
     autocast = 'bf16' if args.bf16 else None
 
     with tempfile.TemporaryDirectory() as tmp:

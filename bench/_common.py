@@ -1,8 +1,26 @@
-"""Timing helpers shared by the bench scripts (not a benchmark itself)."""
+"""What the bench scripts share (not a benchmark itself): network sizes, timing, run arguments."""
 import statistics
 import time
 
 import torch
+
+# Backbones the scripts compare: full = the official sizes (GPU default), small = CPU default.
+BACKBONES = {
+    'full': {
+        'Restormer': dict(type='Restormer', dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4,
+                          heads=[1, 2, 4, 8], ffn_expansion_factor=2.66, bias=False, LayerNorm_type='WithBias'),
+        'NAFNet': dict(type='NAFNet', width=32, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 28],
+                       dec_blk_nums=[1, 1, 1, 1]),
+        'PromptIR': dict(type='PromptIR', dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4, decoder=True),
+    },
+    'small': {
+        'Restormer': dict(type='Restormer', dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
+                          heads=[1, 1, 2, 2], ffn_expansion_factor=2.66, bias=False, LayerNorm_type='WithBias'),
+        'NAFNet': dict(type='NAFNet', width=16, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 1],
+                       dec_blk_nums=[1, 1, 1, 1]),
+        'PromptIR': dict(type='PromptIR', dim=48, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, decoder=True),
+    },
+}
 
 
 def sync(device):
