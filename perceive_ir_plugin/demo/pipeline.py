@@ -156,8 +156,20 @@ def _set_device(opt, device):
     opt['num_gpu'] = 1 if device == 'cuda' else 0
 
 
-def _train_set(opt):
-    return opt['datasets']['train']
+def _training_template(name, device, dataroot, crop, iters):
+    """Load a demo training template and size it: device, training data root and crop, iterations.
+
+    Returns:
+        tuple[dict, dict]: The option dict and its ``datasets.train`` section (for further edits).
+    """
+    opt = load_template(name)
+    _set_device(opt, device)
+    ds = opt['datasets']['train']
+    ds['dataroot'] = dataroot
+    ds['gt_size'] = crop
+    opt['train']['total_iter'] = iters
+    opt['train']['scheduler']['T_max'] = iters
+    return opt, ds
 
 
 def build_options(cfg, paths=None):
@@ -178,37 +190,19 @@ def build_options(cfg, paths=None):
     device = cfg.resolved_device()
     opts = {}
     for k in (0, 1):
-        opt = load_template(f'medium_fold{k}')
-        _set_device(opt, device)
-        ds = _train_set(opt)
-        ds['dataroot'] = cfg.dataroot
-        ds['gt_size'] = s['medium_crop']
-        opt['train']['total_iter'] = s['medium_iters']
-        opt['train']['scheduler']['T_max'] = s['medium_iters']
-        opts[f'medium_fold{k}'] = opt
+        opts[f'medium_fold{k}'], _ = _training_template(f'medium_fold{k}', device, cfg.dataroot,
+                                                         s['medium_crop'], s['medium_iters'])
 
-    opt = load_template('prompts')
-    _set_device(opt, device)
-    ds = _train_set(opt)
-    ds['dataroot'] = cfg.triplet_root
-    ds['gt_size'] = s['prompt_crop']
-    opt['train']['total_iter'] = s['prompt_iters']
-    opt['train']['scheduler']['T_max'] = s['prompt_iters']
+    opt, ds = _training_template('prompts', device, cfg.triplet_root, s['prompt_crop'], s['prompt_iters'])
     if cfg.clip_weights:
         opt['network_g'].update(clip_model='ViT-B-32-quickgelu', clip_weights=os.path.abspath(cfg.clip_weights))
         ds['gt_size'] = 224  # real CLIP sees 224 crops (smaller images are upscaled by the dataset)
     opts['prompts'] = opt
 
     for run in ('perceiveir', 'l1'):
-        opt = load_template(f'stage2_{run}')
-        _set_device(opt, device)
+        opt, ds = _training_template(f'stage2_{run}', device, cfg.dataroot, s['stage2_crop'], s['stage2_iters'])
         opt['manual_seed'] = cfg.seed
-        ds = _train_set(opt)
-        ds['dataroot'] = cfg.dataroot
-        ds['gt_size'] = s['stage2_crop']
         ds['batch_size_per_gpu'] = s['stage2_batch']
-        opt['train']['total_iter'] = s['stage2_iters']
-        opt['train']['scheduler']['T_max'] = s['stage2_iters']
         if opt['train'].get('dpl_probe'):
             opt['train']['dpl_probe']['crop'] = s['stage2_crop']
         if paths.get('init_backbone'):
