@@ -2,12 +2,11 @@
 import difflib
 
 from basicsr.utils import get_root_logger
+from perceive_ir_plugin.utils.option_check import DATALOADER_KEYS, MODEL_DATASET_KEYS
 
-# Keys that BasicSR (or its dataloader builder) puts in or reads from a dataset section.
-BASICSR_DATASET_KEYS = frozenset({
-    'name', 'type', 'phase', 'scale', 'batch_size_per_gpu', 'num_worker_per_gpu', 'dataset_enlarge_ratio',
-    'prefetch_mode', 'pin_memory', 'persistent_workers', 'num_prefetch_queue', 'use_shuffle', 'color',
-    'mean', 'std', 'filename_tmpl', 'mini_batch_sizes', 'iters', 'gt_sizes'})
+# Keys that BasicSR (or its dataloader builder) puts in or reads from a dataset section, the keys the
+# models read there, and keys BasicSR's own datasets read that a plugin dataset harmlessly ignores.
+BASICSR_DATASET_KEYS = frozenset(DATALOADER_KEYS | MODEL_DATASET_KEYS | {'color', 'mean', 'std', 'filename_tmpl'})
 
 
 def check_dataset_keys(opt, own_keys, dataset_type):
